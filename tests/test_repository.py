@@ -40,6 +40,12 @@ def test_notebook_uses_the_shared_setup_cell(path):
     assert '"google.colab" in sys.modules' in setup and "import utils" in setup
 
 
+def test_setup_cells_are_one_pattern():
+    """Every notebook copies the same set-up cell; only its list of extra Colab packages differs."""
+    variants = {re.sub(r"COLAB_EXTRAS = .*", "", source(code_cells(p)[0])) for p in NOTEBOOKS}
+    assert len(variants) <= 1, "set-up cells differ beyond COLAB_EXTRAS; copy the cell of another notebook"
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_saves_and_asserts_its_results(path):
     cells = code_cells(path)
