@@ -15,13 +15,15 @@ import math
 import os
 import random
 import shutil
+import subprocess
+import sys
 import tarfile
 import tempfile
 import time
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,23 +40,148 @@ _FALSE = {"", "0", "false", "no", "off"}
 
 
 # ----------------------------------------------------------------------------- modes and setup
+_FORM: dict[str, Any] = {}  # the set-up cell's form fields (MODE, BUDGET), recorded by choose_mode
+_SCALED: dict[str, Any] = {}  # what pick() scaled by BUDGET, for the printout and the results JSON
+LONG_RUN_MINUTES = 30  # full mode on a CPU stops before starting more than this, unless ALLOW_LONG_RUN=1
+
+
+def choose_mode(mode: str = "full", budget: float = 1.0) -> None:
+    """Record the set-up cell's form fields. QUICK or BUDGET set in the environment win (the tests set QUICK=1)."""
+    if mode not in ("quick", "full"):
+        raise ValueError(f"MODE must be 'quick' or 'full', got {mode!r}")
+    _FORM.update(mode=mode, budget=_valid_budget(budget, "the BUDGET form field"))
+
+
 def quick_mode() -> bool:
-    """True when QUICK is set: small offline data, tiny budget, never the network."""
+    """True in quick mode (small offline data, tiny budget, never the network).
+
+    An explicit QUICK in the environment decides (1/0, true/false, yes/no, on/off); without it, the
+    notebook's MODE form field does; without either, full mode.
+    """
     value = os.environ.get("QUICK", "").strip().lower()
     if value in _TRUE:
         return True
-    if value in _FALSE:
+    if value in _FALSE - {""}:
         return False
-    raise ValueError(f"QUICK={value!r} is not understood: use QUICK=1 (quick mode) or QUICK=0 (full mode).")
+    if value:
+        raise ValueError(f"QUICK={value!r} is not understood: use QUICK=1 (quick mode) or QUICK=0 (full mode).")
+    return _FORM.get("mode", "full") == "quick"
 
 
-def pick(config: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """Select one column of a {setting: {"full": ..., "quick": ...}} config table."""
+def _valid_budget(value: Any, where: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
+        raise ValueError(
+            f"{where} must be a positive number (1 = the full budget, 0.1 = a tenth of it), got {value!r}"
+        )
+    return number
+
+
+def budget() -> float:
+    """The full-mode training scale: BUDGET in the environment, else the form field, else 1. Quick mode: 1."""
+    if quick_mode():
+        return 1.0
+    raw = os.environ.get("BUDGET", "").strip()
+    if raw:
+        return _valid_budget(raw, "BUDGET in the environment")
+    return _FORM.get("budget", 1.0)
+
+
+def _scale(value: Any, factor: float, key: str) -> Any:
+    if isinstance(value, (list, tuple)):
+        return type(value)(_scale(v, factor, key) for v in value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"config row {key!r} is listed in scale= but holds {value!r}, not a number")
+    return max(1, round(value * factor)) if isinstance(value, int) else value * factor
+
+
+def pick(config: Mapping[str, Mapping[str, Any]], scale: Sequence[str] = ()) -> dict[str, Any]:
+    """Select one column of a {setting: {"full": ..., "quick": ...}} config table.
+
+    In full mode the rows named in `scale` (training lengths: steps, epochs, iterations, repeats) are
+    multiplied by BUDGET, so an instructor can check the real-data path on a CPU in minutes.
+    """
+    if isinstance(scale, str):
+        raise TypeError("scale must be a list of row names, not a string")
     column = "quick" if quick_mode() else "full"
     missing = [key for key, row in config.items() if column not in row]
     if missing:
         raise KeyError(f"config rows without a {column!r} value: {missing}")
-    return {key: row[column] for key, row in config.items()}
+    unknown = [key for key in scale if key not in config]
+    if unknown:
+        raise KeyError(f"scale names rows that the config does not have: {unknown}")
+    chosen = {key: row[column] for key, row in config.items()}
+    factor = budget()
+    _SCALED.clear()
+    if factor != 1.0:
+        for key in scale:
+            scaled = _scale(chosen[key], factor, key)
+            _SCALED[key] = {"full": chosen[key], "used": scaled}
+            chosen[key] = scaled
+        changes = ", ".join(f"{k} {v['full']} -> {v['used']}" for k, v in _SCALED.items())
+        print(f"BUDGET={factor:g} scales the training lengths: {changes}")
+    return chosen
+
+
+def announce_run(minutes: Mapping[str, float], device: Any = None) -> float:
+    """Print mode, device, budget and the expected runtime before any work; returns the expected minutes.
+
+    `minutes` holds this notebook's expected minutes at BUDGET=1: "quick" (2 CPU cores), "full_gpu"
+    (a Colab T4) and "full_cpu" (2 CPU cores). Full mode on a CPU that would take more than
+    LONG_RUN_MINUTES stops here with the ways out, instead of starting hours of work silently.
+    """
+    missing = {"quick", "full_gpu", "full_cpu"} - set(minutes)
+    if missing:
+        raise KeyError(f"announce_run needs expected minutes for {sorted(missing)}")
+    device = get_device() if device is None else device
+    kind = getattr(device, "type", str(device))
+    quick, factor = quick_mode(), budget()
+    source = "QUICK in the environment" if os.environ.get("QUICK", "").strip() else "the MODE form field"
+    if quick:
+        expected = float(minutes["quick"])
+    else:
+        expected = float(minutes["full_gpu" if kind == "cuda" else "full_cpu"]) * factor
+    print(f"mode: {'quick' if quick else 'full'} (from {source}) | device: {device} | BUDGET: {factor:g}")
+    print(f"expected runtime on this device: about {_minutes(expected)}")
+    if quick and os.environ.get("BUDGET", "").strip() not in ("", "1", "1.0"):
+        print("(BUDGET only scales full mode; quick mode always runs its small fixed budget)")
+    if not quick and factor != 1.0:
+        print(f"BUDGET={factor:g}: training is shortened, so the numbers are not the full-mode results.")
+    if "google.colab" in sys.modules:
+        print(
+            f"Data folder: {data_dir()} - it is lost when the Colab runtime is reset. To keep downloads and "
+            "checkpoints, mount Google Drive and set DATA_DIR to a Drive folder before the set-up cell, e.g. "
+            "os.environ['DATA_DIR'] = '/content/drive/MyDrive/project-notebooks-data'."
+        )
+    if not quick and kind != "cuda" and expected > LONG_RUN_MINUTES and os.environ.get("ALLOW_LONG_RUN") != "1":
+        fits = max(0.01, float(f"{LONG_RUN_MINUTES * 0.66 / float(minutes['full_cpu']):.2g}"))
+        raise RuntimeError(
+            f"Full mode on this {kind.upper()} would take about {_minutes(expected)}, so it was not started.\n"
+            f"Choose one:\n"
+            f"  - a GPU: on Colab, Runtime > Change runtime type > T4 GPU (about {_minutes(minutes['full_gpu'])});\n"
+            f"  - quick mode: MODE = 'quick' in the set-up cell (about {_minutes(minutes['quick'])});\n"
+            f"  - a smaller budget: BUDGET = {fits:g} in the set-up cell (about "
+            f"{_minutes(minutes['full_cpu'] * fits)}, shortened training);\n"
+            f"  - or set ALLOW_LONG_RUN=1 in the environment to run it anyway.\n"
+            f"Then run the set-up cell again."
+        )
+    return expected
+
+
+def _minutes(value: float) -> str:
+    return f"{value:.0f} min" if value < 90 else f"{value / 60:.1f} h"
+
+
+def single_thread_cpu(device: Any) -> None:
+    """On a CPU, run torch single-threaded: the small models here run faster on 2 cores that way, and
+    quick-mode numbers no longer depend on how many cores the machine has (float sums change with it)."""
+    if getattr(device, "type", str(device)) == "cpu":
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def set_seed(seed: int) -> None:
@@ -293,8 +420,10 @@ def _jsonable(value: Any) -> Any:
 def save_results(name: str, metrics: Mapping[str, Any], **context: Any) -> Path:
     """Write RESULTS_DIR/<name>.json with the metrics, the mode, the device and the runtime.
 
-    Pass `dataset=` and anything else a reader needs to interpret the numbers. The file is
-    written atomically, so a crash never leaves half a JSON document.
+    Pass `dataset=` and anything else a reader needs to interpret the numbers, and `summary=` rows
+    [[what was measured, formatted numbers], ...] for the README's results table (tools/readme_results.py
+    builds it from these files). The file is written atomically, so a crash never leaves half a JSON
+    document, and is readable by everyone (mkstemp alone would leave it private to the owner).
     """
     if not name or not all(c.isalnum() or c in "_-" for c in name):
         raise ValueError(f"name must be letters, digits, '_' or '-', got {name!r}")
@@ -302,6 +431,11 @@ def save_results(name: str, metrics: Mapping[str, Any], **context: Any) -> Path:
         raise ValueError("metrics must be a non-empty mapping of names to values")
     if "dataset" not in context:
         raise ValueError("say which data set the numbers come from: save_results(..., dataset=...)")
+    summary = context.get("summary")
+    if summary is not None and not all(
+        isinstance(row, (list, tuple)) and len(row) == 2 and all(isinstance(x, str) for x in row) for row in summary
+    ):
+        raise ValueError("summary must be a list of [what was measured, formatted value] pairs of strings")
     try:
         import torch
 
@@ -316,18 +450,168 @@ def save_results(name: str, metrics: Mapping[str, Any], **context: Any) -> Path:
         "device": device,
         "runtime_s": round(time.perf_counter() - _IMPORTED_AT, 1),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "budget": budget(),
+        "budget_scaled": _jsonable(_SCALED) or None,
         **_jsonable(context),
         "metrics": _jsonable(metrics),
     }
+    if record["budget"] != 1.0:
+        print(f"Results computed with BUDGET={record['budget']:g} (shortened training), not the full-mode results.")
     path = results_dir() / f"{name}.json"
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".json", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(record, handle, indent=2, allow_nan=False)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def checkpoint_dir(notebook: str) -> Path:
+    """Where a notebook keeps trained models: $CHECKPOINT_DIR/<notebook>, default DATA_DIR/checkpoints/<notebook>."""
+    if not notebook or not all(c.isalnum() or c in "_-" for c in notebook):
+        raise ValueError(f"notebook must be letters, digits, '_' or '-', got {notebook!r}")
+    base = os.environ.get("CHECKPOINT_DIR")
+    path = Path(base).expanduser() if base else data_dir("checkpoints")
+    path = path / notebook
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _check_saveable(value: Any, where: str = "result") -> None:
+    """Only what torch.load(weights_only=True) reads back: tensors, numbers, strings, lists, dicts."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where} has a key {k!r}: use strings or integers")
+            _check_saveable(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_saveable(v, f"{where}[{i}]")
+    elif not (value is None or isinstance(value, (bool, int, float, str)) or type(value).__name__ == "Tensor"):
+        raise TypeError(
+            f"{where} is a {type(value).__name__}; a checkpoint holds tensors, numbers, strings, lists and dicts "
+            "(convert numpy arrays with torch.as_tensor)"
+        )
+
+
+def train_or_load(
+    notebook: str,
+    name: str,
+    train: Callable[[], Mapping[str, Any]],
+    config: Mapping[str, Any] | None = None,
+    force: bool | None = None,
+) -> tuple[dict[str, Any], bool]:
+    """Run `train()` once and keep what it returns; a rerun with the same config loads it instead.
+
+    So a class survives a Colab disconnect: the model and its history come back from
+    checkpoint_dir(notebook) in seconds. `train` returns a dict of tensors, numbers, strings, lists and
+    dicts (e.g. {"model": model.state_dict(), "history": {...}}). The file name carries a hash of
+    `config`, the mode and the budget, so a changed setting trains again. FORCE_RETRAIN=1 in the
+    environment (or force=True) retrains and overwrites. Returns (result, loaded_from_disk).
+    """
+    import torch
+
+    if not name or not all(c.isalnum() or c in "_-." for c in name):
+        raise ValueError(f"name must be letters, digits, '_', '-' or '.', got {name!r}")
+    if force is None:
+        force = os.environ.get("FORCE_RETRAIN", "").strip().lower() in _TRUE
+    key = json.dumps(
+        {"config": _jsonable(config or {}), "quick": quick_mode(), "budget": budget()}, sort_keys=True
+    )
+    path = checkpoint_dir(notebook) / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+    if path.exists() and not force:
+        result = torch.load(path, map_location="cpu", weights_only=True)
+        print(f"loaded {name} from {path} (trained earlier; set FORCE_RETRAIN=1 or pass force=True to train again)")
+        return result, True
+    result = train()
+    if not isinstance(result, Mapping):
+        raise TypeError(f"train() must return a dict, got {type(result).__name__}")
+    result = dict(result)
+    _check_saveable(result)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(result, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    print(f"saved {name} to {path} (a rerun loads it instead of training again)")
+    return result, False
+
+
+# ----------------------------------------------------------------------------- Colab
+def _canonical(name: str) -> str:
+    return "".join("-" if c in "-_." else c for c in name.lower())
+
+
+def installed_versions() -> dict[str, str]:
+    """{canonical distribution name: version} of this interpreter; the first on sys.path wins, as at import."""
+    from importlib import metadata
+
+    versions: dict[str, str] = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            versions.setdefault(_canonical(name), dist.version)
+    return versions
+
+
+def colab_requirements(extras: Sequence[str], installed: Mapping[str, str]) -> tuple[list[str], list[str]]:
+    """The pip requirements for `extras` and the constraints that pin every installed package.
+
+    A bare "tf-keras" becomes "tf-keras~=X.Y.0" matched to the installed TensorFlow X.Y (tf-keras must
+    match it, and an unmatched one makes pip replace TensorFlow). Extras pinned to another version of
+    an installed package are refused: installing them would change Colab's own stack.
+    """
+    requirements = []
+    for extra in extras:
+        if not isinstance(extra, str) or not extra.strip():
+            raise ValueError(f"COLAB_EXTRAS holds {extra!r}, not a pip requirement")
+        name = _canonical(extra.split("==")[0].split("~=")[0].split(">")[0].split("<")[0].strip())
+        if name == "tf-keras" and extra.strip() == "tf-keras":
+            tf = installed.get("tensorflow") or installed.get("tensorflow-cpu")
+            if tf is None:
+                raise RuntimeError("tf-keras must match TensorFlow, but no TensorFlow is installed")
+            major, minor = tf.split(".")[:2]
+            extra = f"tf-keras~={major}.{minor}.0"
+        if "==" in extra and name in installed and installed[name] != extra.split("==", 1)[1].strip():
+            raise RuntimeError(
+                f"COLAB_EXTRAS asks for {extra}, but this runtime has {name} {installed[name]}: installing it would "
+                "change a package the runtime already has. Pin the runtime's version or leave it out."
+            )
+        requirements.append(extra)
+    constraints = [f"{name}=={version}" for name, version in sorted(installed.items())]
+    return requirements, constraints
+
+
+def install_colab_extras(extras: Sequence[str]) -> None:
+    """pip-install what Colab lacks, with every installed package pinned: pip then can never upgrade or
+    downgrade Colab's own torch, numpy, tensorflow, protobuf, ... (it fails loudly instead)."""
+    if not extras:
+        return
+    installed = installed_versions()
+    requirements, constraints = colab_requirements(extras, installed)
+    missing = [r for r in requirements if _canonical(r.split("=")[0].split("~")[0]) not in installed]
+    if not missing:
+        return
+    fd, constraint_file = tempfile.mkstemp(prefix="colab-constraints.", suffix=".txt")
+    with os.fdopen(fd, "w") as handle:
+        handle.write("\n".join(constraints) + "\n")
+    try:
+        print(f"installing {', '.join(missing)} (Colab's own packages pinned) ...")
+        command = [sys.executable, "-m", "pip", "install", "-q", "-c", constraint_file, *missing]
+        done = subprocess.run(command, capture_output=True, text=True)
+    finally:
+        Path(constraint_file).unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"pip could not install {missing} without changing this runtime's packages:\n{done.stderr[-3000:]}"
+        )
 
 
 # ----------------------------------------------------------------------------- figures
@@ -454,13 +738,12 @@ def watershed_instances(
     """
     from scipy import ndimage
     from skimage.feature import peak_local_max
-    from skimage.morphology import remove_small_objects
     from skimage.segmentation import watershed
 
     foreground = np.asarray(foreground, bool)
     if foreground.ndim != 2:
         raise ValueError(f"foreground must be a 2-D mask, got shape {foreground.shape}")
-    foreground = remove_small_objects(foreground, max_size=min_size - 1) if min_size > 1 else foreground
+    foreground = drop_small_objects(foreground, min_size)
     height = ndimage.distance_transform_edt(foreground) if markers_from is None else np.asarray(markers_from, float)
     if height.shape != foreground.shape:
         raise ValueError(f"markers_from has shape {height.shape}, foreground {foreground.shape}")
@@ -474,3 +757,21 @@ def watershed_instances(
         ys, xs = np.nonzero(components == comp)
         markers[ys[len(ys) // 2], xs[len(xs) // 2]] = j
     return watershed(-height, markers, mask=foreground).astype(np.int32)
+
+
+def drop_small_objects(mask: np.ndarray, min_size: int) -> np.ndarray:
+    """Remove objects smaller than min_size pixels (4-connected, scikit-image's default) from a binary mask.
+
+    Written with scipy because scikit-image renamed the keyword between 0.25 (min_size, Colab) and 0.26
+    (max_size, our pins): each version warns about or rejects the other's.
+    """
+    from scipy import ndimage
+
+    mask = np.asarray(mask, bool)
+    if min_size <= 1:
+        return mask
+    components, _ = ndimage.label(mask)
+    sizes = np.bincount(components.ravel())
+    keep = sizes >= min_size
+    keep[0] = False
+    return keep[components]

@@ -82,6 +82,11 @@ def full_mode(monkeypatch, tmp_path):
     monkeypatch.setenv("QUICK", "0")
     monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
+    for variable in ("BUDGET", "FORCE_RETRAIN", "ALLOW_LONG_RUN"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(utils, "_FORM", {})
+    monkeypatch.setattr(utils, "_SCALED", {})
     Handler.requests.clear()
 
 
@@ -112,6 +117,129 @@ def test_pick_selects_the_column_of_the_mode(monkeypatch):
     assert utils.pick(table) == {"epochs": 30, "size": 512}
     monkeypatch.setenv("QUICK", "1")
     assert utils.pick(table) == {"epochs": 2, "size": 64}
+
+
+def test_the_form_field_decides_when_the_environment_is_silent(monkeypatch):
+    monkeypatch.delenv("QUICK")
+    utils.choose_mode("quick", 1)
+    assert utils.quick_mode() is True
+    utils.choose_mode("full", 1)
+    assert utils.quick_mode() is False
+
+
+@pytest.mark.parametrize("env, form, expected", [("1", "full", True), ("0", "quick", False)])
+def test_an_explicit_quick_in_the_environment_wins_over_the_form(monkeypatch, env, form, expected):
+    monkeypatch.setenv("QUICK", env)
+    utils.choose_mode(form, 1)
+    assert utils.quick_mode() is expected
+
+
+@pytest.mark.parametrize("mode", ["Quick", "fast", "", None])
+def test_choose_mode_rejects_unknown_modes(mode):
+    with pytest.raises(ValueError, match="MODE must be"):
+        utils.choose_mode(mode, 1)
+
+
+def test_budget_comes_from_the_environment_then_the_form_then_one(monkeypatch):
+    assert utils.budget() == 1.0
+    utils.choose_mode("full", 0.25)
+    assert utils.budget() == 0.25
+    monkeypatch.setenv("BUDGET", "0.5")
+    assert utils.budget() == 0.5
+    monkeypatch.setenv("QUICK", "1")
+    assert utils.budget() == 1.0  # quick mode runs its own fixed budget
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "nan", "inf", ""])
+def test_bad_budget_in_the_environment_is_a_clear_error(monkeypatch, value):
+    monkeypatch.setenv("BUDGET", value)
+    if value == "":  # empty means unset
+        assert utils.budget() == 1.0
+        return
+    with pytest.raises(ValueError, match="positive number"):
+        utils.budget()
+
+
+@pytest.mark.parametrize("value", [0, -0.5, "ten", True, float("nan"), None])
+def test_bad_budget_in_the_form_is_a_clear_error(value):
+    with pytest.raises(ValueError, match="positive number"):
+        utils.choose_mode("full", value)
+
+
+def test_pick_scales_training_lengths_by_the_budget(monkeypatch, capsys):
+    table = {
+        "epochs": {"full": 30, "quick": 2},
+        "lr": {"full": 1e-3, "quick": 1e-2},
+        "steps": {"full": (100, 3), "quick": (10, 1)},
+        "seconds": {"full": 60.0, "quick": 5.0},
+        "size": {"full": 512, "quick": 64},
+    }
+    monkeypatch.setenv("BUDGET", "0.1")
+    picked = utils.pick(table, scale=["epochs", "steps", "seconds"])
+    assert picked == {"epochs": 3, "lr": 1e-3, "steps": (10, 1), "seconds": pytest.approx(6.0), "size": 512}
+    assert "epochs 30 -> 3" in capsys.readouterr().out
+    path = utils.save_results("scaled", {"x": 1}, dataset="d")
+    record = json.loads(path.read_text())
+    assert record["budget"] == 0.1 and record["budget_scaled"]["epochs"] == {"full": 30, "used": 3}
+    monkeypatch.setenv("QUICK", "1")
+    assert utils.pick(table, scale=["epochs"])["epochs"] == 2  # quick mode is never scaled
+
+
+def test_pick_never_scales_a_length_to_zero(monkeypatch):
+    monkeypatch.setenv("BUDGET", "0.001")
+    assert utils.pick({"epochs": {"full": 20, "quick": 1}}, scale=["epochs"]) == {"epochs": 1}
+
+
+def test_pick_scale_errors():
+    table = {"epochs": {"full": 30, "quick": 2}, "name": {"full": "a", "quick": "b"}}
+    with pytest.raises(KeyError, match="steps"):
+        utils.pick(table, scale=["steps"])
+    with pytest.raises(TypeError, match="list of row names"):
+        utils.pick(table, scale="epochs")
+    utils.choose_mode("full", 0.5)
+    with pytest.raises(TypeError, match="not a number"):
+        utils.pick(table, scale=["name"])
+
+
+def test_announce_run_prints_mode_device_and_expected_time(capsys, monkeypatch):
+    minutes = {"quick": 2, "full_gpu": 20, "full_cpu": 20}
+    assert utils.announce_run(minutes, device="cpu") == 20
+    out = capsys.readouterr().out
+    assert "mode: full" in out and "device: cpu" in out and "about 20 min" in out
+    assert utils.announce_run({**minutes, "full_cpu": 600}, device="cuda") == 20
+    monkeypatch.setenv("QUICK", "1")
+    assert utils.announce_run(minutes, device="cpu") == 2
+    assert "from QUICK in the environment" in capsys.readouterr().out
+
+
+def test_full_mode_on_a_cpu_refuses_hours_of_work(monkeypatch, capsys):
+    minutes = {"quick": 2, "full_gpu": 20, "full_cpu": 300}
+    with pytest.raises(RuntimeError) as err:
+        utils.announce_run(minutes, device="cpu")
+    message = str(err.value)
+    assert "5.0 h" in message and "T4 GPU" in message and "MODE = 'quick'" in message and "BUDGET = 0.066" in message
+    monkeypatch.setenv("BUDGET", "0.066")  # the budget the message proposes fits
+    assert utils.announce_run(minutes, device="cpu") == pytest.approx(19.8)
+    assert "not the full-mode results" in capsys.readouterr().out
+    monkeypatch.setenv("BUDGET", "1")
+    monkeypatch.setenv("ALLOW_LONG_RUN", "1")
+    assert utils.announce_run(minutes, device="cpu") == 300
+
+
+def test_announce_run_needs_every_estimate():
+    with pytest.raises(KeyError, match="full_cpu"):
+        utils.announce_run({"quick": 1, "full_gpu": 2}, device="cpu")
+
+
+def test_single_thread_cpu_sets_one_thread_on_a_cpu_only():
+    before = torch.get_num_threads()
+    try:
+        utils.single_thread_cpu(torch.device("cuda"))
+        assert torch.get_num_threads() == before
+        utils.single_thread_cpu(torch.device("cpu"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_pick_names_rows_without_the_column():
@@ -359,6 +487,114 @@ def test_save_results_rejects_bad_input_and_writes_nothing(name, metrics, contex
     with pytest.raises(error, match=message):
         utils.save_results(name, metrics, **context)
     assert leftovers(utils.results_dir()) == []
+
+
+def test_results_are_readable_by_everyone_and_carry_summary_rows():
+    path = utils.save_results("nb", {"acc": 0.5}, dataset="d", summary=[["accuracy", "0.50"]])
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert json.loads(path.read_text())["summary"] == [["accuracy", "0.50"]]
+    with pytest.raises(ValueError, match="summary"):
+        utils.save_results("nb", {"acc": 0.5}, dataset="d", summary=[["accuracy", 0.5]])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _trainer(calls, value=1.0):
+    def train():
+        calls.append(1)
+        return {"model": {"w": torch.full((2, 2), value)}, "history": {"loss": [1.0, 0.5]}, "note": "x"}
+
+    return train
+
+
+def test_train_or_load_trains_once_then_loads(tmp_path, capsys):
+    calls = []
+    first, loaded = utils.train_or_load("nb01", "unet", _trainer(calls), config={"steps": 5})
+    assert not loaded and calls == [1] and "saved unet" in capsys.readouterr().out
+    again, loaded = utils.train_or_load("nb01", "unet", _trainer(calls, 2.0), config={"steps": 5})
+    assert loaded and calls == [1] and torch.equal(again["model"]["w"], first["model"]["w"])
+    assert again["history"] == {"loss": [1.0, 0.5]} and "FORCE_RETRAIN=1" in capsys.readouterr().out
+    saved = list((tmp_path / "checkpoints" / "nb01").glob("unet-*.pt"))
+    assert len(saved) == 1 and saved[0].stat().st_mode & 0o777 == 0o644
+
+
+def test_train_or_load_retrains_when_forced_or_the_config_changes(monkeypatch):
+    calls = []
+    utils.train_or_load("nb", "m", _trainer(calls), config={"steps": 5})
+    utils.train_or_load("nb", "m", _trainer(calls), config={"steps": 6})
+    assert len(calls) == 2
+    result, loaded = utils.train_or_load("nb", "m", _trainer(calls, 3.0), config={"steps": 5}, force=True)
+    assert not loaded and len(calls) == 3
+    monkeypatch.setenv("FORCE_RETRAIN", "1")
+    utils.train_or_load("nb", "m", _trainer(calls), config={"steps": 5})
+    assert len(calls) == 4
+    monkeypatch.delenv("FORCE_RETRAIN")
+    result, loaded = utils.train_or_load("nb", "m", _trainer(calls), config={"steps": 5})
+    assert loaded and result["model"]["w"][0, 0] == 1.0  # the forced retrain overwrote the file
+
+
+def test_train_or_load_keeps_quick_and_full_mode_apart(monkeypatch):
+    calls = []
+    utils.train_or_load("nb", "m", _trainer(calls))
+    monkeypatch.setenv("QUICK", "1")
+    utils.train_or_load("nb", "m", _trainer(calls))
+    assert len(calls) == 2
+
+
+def test_train_or_load_refuses_what_it_cannot_reload_and_leaves_no_file(tmp_path):
+    with pytest.raises(TypeError, match="numpy"):
+        utils.train_or_load("nb", "m", lambda: {"weights": np.zeros(3)})
+    with pytest.raises(TypeError, match="must return a dict"):
+        utils.train_or_load("nb", "m", lambda: [torch.zeros(3)])
+    with pytest.raises(ValueError, match="name"):
+        utils.train_or_load("nb", "bad/name", lambda: {})
+    with pytest.raises(ValueError, match="notebook"):
+        utils.train_or_load("../nb", "m", lambda: {})
+    assert leftovers(tmp_path / "checkpoints" / "nb") == []
+
+
+def test_checkpoints_default_to_the_data_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv("CHECKPOINT_DIR")
+    assert utils.checkpoint_dir("nb") == tmp_path / "data" / "checkpoints" / "nb"
+
+
+# ----------------------------------------------------------------------------- Colab extras
+def test_colab_requirements_match_tf_keras_to_tensorflow_and_pin_everything():
+    installed = {"tensorflow": "2.20.0", "numpy": "2.1.3", "protobuf": "5.29.6"}
+    requirements, constraints = utils.colab_requirements(["tf-keras", "n2v==0.3.3"], installed)
+    assert requirements == ["tf-keras~=2.20.0", "n2v==0.3.3"]
+    assert constraints == ["numpy==2.1.3", "protobuf==5.29.6", "tensorflow==2.20.0"]
+
+
+def test_colab_requirements_refuse_to_change_a_runtime_package():
+    with pytest.raises(RuntimeError, match="numpy 2.1.3"):
+        utils.colab_requirements(["numpy==2.4.6"], {"numpy": "2.1.3"})
+    with pytest.raises(RuntimeError, match="no TensorFlow"):
+        utils.colab_requirements(["tf-keras"], {"numpy": "2.1.3"})
+    with pytest.raises(ValueError, match="not a pip requirement"):
+        utils.colab_requirements([""], {})
+
+
+def test_install_colab_extras_does_nothing_when_all_is_there(monkeypatch):
+    monkeypatch.setattr(utils.subprocess, "run", lambda *a, **k: pytest.fail("pip must not run"))
+    utils.install_colab_extras([])
+    utils.install_colab_extras([f"numpy=={np.__version__}"])
+
+
+def test_installed_versions_sees_this_environment():
+    versions = utils.installed_versions()
+    assert versions["numpy"] == np.__version__ and "scikit-learn" in versions
+
+
+def test_drop_small_objects_matches_scikit_image():
+    from skimage.morphology import remove_small_objects
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        mask = rng.random((48, 48)) > 0.55
+        for size in (2, 5, 12):
+            expected = remove_small_objects(mask, max_size=size - 1)  # scikit-image 0.26 (our pins)
+            assert np.array_equal(utils.drop_small_objects(mask, size), expected)
+    assert np.array_equal(utils.drop_small_objects(mask, 1), mask)
 
 
 def test_show_images_draws_a_grid():
