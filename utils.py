@@ -130,8 +130,10 @@ def announce_run(minutes: Mapping[str, float], device: Any = None) -> float:
     """Print mode, device, budget and the expected runtime before any work; returns the expected minutes.
 
     `minutes` holds this notebook's expected minutes at BUDGET=1: "quick" (2 CPU cores), "full_gpu"
-    (a Colab T4) and "full_cpu" (2 CPU cores). Full mode on a CPU that would take more than
-    LONG_RUN_MINUTES stops here with the ways out, instead of starting hours of work silently.
+    (a Colab T4) and "full_cpu" (2 CPU cores), and optionally "full_cpu_fixed", the part of "full_cpu"
+    that BUDGET does not shorten (feature extraction, fixed-size evaluation). Full mode on a CPU that
+    would take more than LONG_RUN_MINUTES stops here with the ways out, instead of starting hours of
+    work silently.
     """
     missing = {"quick", "full_gpu", "full_cpu"} - set(minutes)
     if missing:
@@ -140,10 +142,15 @@ def announce_run(minutes: Mapping[str, float], device: Any = None) -> float:
     kind = getattr(device, "type", str(device))
     quick, factor = quick_mode(), budget()
     source = "QUICK in the environment" if os.environ.get("QUICK", "").strip() else "the MODE form field"
+    fixed = float(minutes.get("full_cpu_fixed", 0.0))
+    if not 0 <= fixed <= minutes["full_cpu"]:
+        raise ValueError("full_cpu_fixed must lie between 0 and full_cpu")
     if quick:
         expected = float(minutes["quick"])
+    elif kind == "cuda":
+        expected = float(minutes["full_gpu"]) * factor
     else:
-        expected = float(minutes["full_gpu" if kind == "cuda" else "full_cpu"]) * factor
+        expected = fixed + (float(minutes["full_cpu"]) - fixed) * factor
     print(f"mode: {'quick' if quick else 'full'} (from {source}) | device: {device} | BUDGET: {factor:g}")
     print(f"expected runtime on this device: about {_minutes(expected)}")
     if quick and os.environ.get("BUDGET", "").strip() not in ("", "1", "1.0"):
@@ -157,14 +164,20 @@ def announce_run(minutes: Mapping[str, float], device: Any = None) -> float:
             "os.environ['DATA_DIR'] = '/content/drive/MyDrive/project-notebooks-data'."
         )
     if not quick and kind != "cuda" and expected > LONG_RUN_MINUTES and os.environ.get("ALLOW_LONG_RUN") != "1":
-        fits = max(0.01, float(f"{LONG_RUN_MINUTES * 0.66 / float(minutes['full_cpu']):.2g}"))
+        target = LONG_RUN_MINUTES * 0.66
+        if fixed < target:
+            fits = max(0.01, float(f"{(target - fixed) / (float(minutes['full_cpu']) - fixed):.2g}"))
+            smaller = (f"  - a smaller budget: BUDGET = {fits:g} in the set-up cell (about "
+                       f"{_minutes(fixed + (minutes['full_cpu'] - fixed) * fits)}, shortened training);\n")
+        else:
+            smaller = (f"  - (no BUDGET helps much here: about {_minutes(fixed)} of the CPU run is work that "
+                       "BUDGET does not shorten);\n")
         raise RuntimeError(
             f"Full mode on this {kind.upper()} would take about {_minutes(expected)}, so it was not started.\n"
             f"Choose one:\n"
             f"  - a GPU: on Colab, Runtime > Change runtime type > T4 GPU (about {_minutes(minutes['full_gpu'])});\n"
             f"  - quick mode: MODE = 'quick' in the set-up cell (about {_minutes(minutes['quick'])});\n"
-            f"  - a smaller budget: BUDGET = {fits:g} in the set-up cell (about "
-            f"{_minutes(minutes['full_cpu'] * fits)}, shortened training);\n"
+            f"{smaller}"
             f"  - or set ALLOW_LONG_RUN=1 in the environment to run it anyway.\n"
             f"Then run the set-up cell again."
         )

@@ -226,6 +226,18 @@ def test_full_mode_on_a_cpu_refuses_hours_of_work(monkeypatch, capsys):
     assert utils.announce_run(minutes, device="cpu") == 300
 
 
+def test_work_that_the_budget_does_not_shorten_is_counted(monkeypatch):
+    minutes = {"quick": 2, "full_gpu": 20, "full_cpu": 310, "full_cpu_fixed": 10}
+    with pytest.raises(RuntimeError, match="BUDGET = 0.033"):
+        utils.announce_run(minutes, device="cpu")
+    monkeypatch.setenv("BUDGET", "0.033")
+    assert utils.announce_run(minutes, device="cpu") == pytest.approx(19.9)
+    with pytest.raises(RuntimeError, match="no BUDGET helps"):
+        utils.announce_run({**minutes, "full_cpu_fixed": 200}, device="cpu")
+    with pytest.raises(ValueError, match="full_cpu_fixed"):
+        utils.announce_run({**minutes, "full_cpu_fixed": 400}, device="cpu")
+
+
 def test_announce_run_needs_every_estimate():
     with pytest.raises(KeyError, match="full_cpu"):
         utils.announce_run({"quick": 1, "full_gpu": 2}, device="cpu")
