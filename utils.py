@@ -122,7 +122,7 @@ def pick(config: Mapping[str, Mapping[str, Any]], scale: Sequence[str] = ()) -> 
             _SCALED[key] = {"full": chosen[key], "used": scaled}
             chosen[key] = scaled
         changes = ", ".join(f"{k} {v['full']} -> {v['used']}" for k, v in _SCALED.items())
-        print(f"BUDGET={factor:g} scales the training lengths: {changes}")
+        print(f"BUDGET={factor:g} scales these settings: {changes}")
     return chosen
 
 
