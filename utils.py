@@ -36,7 +36,7 @@ REPO_URL = "https://github.com/dl-project-notebooks/project-notebooks"
 
 _IMPORTED_AT = time.perf_counter()  # a notebook imports utils first, so this times the notebook
 _TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"", "0", "false", "no", "off"}
+_FALSE = {"0", "false", "no", "off"}  # an empty QUICK counts as unset
 
 
 # ----------------------------------------------------------------------------- modes and setup
@@ -61,7 +61,7 @@ def quick_mode() -> bool:
     value = os.environ.get("QUICK", "").strip().lower()
     if value in _TRUE:
         return True
-    if value in _FALSE - {""}:
+    if value in _FALSE:
         return False
     if value:
         raise ValueError(f"QUICK={value!r} is not understood: use QUICK=1 (quick mode) or QUICK=0 (full mode).")
@@ -555,6 +555,36 @@ def train_or_load(
         Path(tmp).unlink(missing_ok=True)
     print(f"saved {name} to {path} (a rerun loads it instead of training again)")
     return result, False
+
+
+def recompute_batchnorm(model: Any, batches: Any, forward: Callable[[Any], Any] | None = None) -> Any:
+    """Precise BN: replace every batch-norm layer's running averages by exact averages over `batches`.
+
+    The running averages (momentum 0.1) mostly remember the last ~10 training batches, taken while the
+    weights still moved; after a short run they can be far from the statistics of the final weights.
+    `batches` is an iterable of inputs, each passed to `forward` (default: the model itself). The
+    layers' momentum is restored afterwards; the model is returned in eval mode, ready to evaluate.
+    """
+    import torch
+
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        raise ValueError("the model has no batch-norm layer to recompute")
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # None = a plain cumulative average over the batches below
+    model.train()
+    seen = 0
+    with torch.no_grad():
+        for batch in batches:
+            (forward or model)(batch)
+            seen += 1
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    if not seen:
+        raise ValueError("no batches to recompute the batch-norm statistics from")
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------- Colab

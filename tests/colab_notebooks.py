@@ -9,6 +9,7 @@ cell itself. Afterwards, Colab's own packages must still have Colab's versions.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,8 +46,6 @@ def test_an_overlay_reports_a_changed_colab_package(tmp_path):
 def test_the_overlay_looks_like_colab(tmp_path):
     python = colab_lane.make_overlay(sys.executable, tmp_path / "overlay")
     code = "import sys, google.protobuf; print('google.colab' in sys.modules)"
-    import subprocess
-
     done = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "True"
 

@@ -569,6 +569,31 @@ def test_checkpoints_default_to_the_data_folder(monkeypatch, tmp_path):
     assert utils.checkpoint_dir("nb") == tmp_path / "data" / "checkpoints" / "nb"
 
 
+def test_recompute_batchnorm_gives_the_exact_statistics_of_the_final_weights():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    data = torch.randn(60, 3) * 2 + 1
+    model.train()
+    for _ in range(5):  # running averages that lag behind
+        model(torch.randn(8, 3))
+    out = utils.recompute_batchnorm(model, data.split(20))
+    hidden = model[0](data).detach()
+    assert out is model and not model.training and model[1].momentum == 0.1
+    assert torch.allclose(model[1].running_mean, hidden.mean(0), atol=1e-5)
+    calls = []
+    utils.recompute_batchnorm(model, [data], forward=lambda b: calls.append(b.shape) or model(b))
+    assert calls == [(60, 3)]
+
+
+def test_recompute_batchnorm_refuses_models_without_batch_norm_and_empty_data():
+    with pytest.raises(ValueError, match="no batch-norm"):
+        utils.recompute_batchnorm(torch.nn.Linear(3, 4), [torch.zeros(2, 3)])
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    with pytest.raises(ValueError, match="no batches"):
+        utils.recompute_batchnorm(model, [])
+    assert model[1].momentum == 0.1
+
+
 # ----------------------------------------------------------------------------- Colab extras
 def test_colab_requirements_match_tf_keras_to_tensorflow_and_pin_everything():
     installed = {"tensorflow": "2.20.0", "numpy": "2.1.3", "protobuf": "5.29.6"}
